@@ -71,6 +71,9 @@ class Params:
         if g.shape != self.data[name].shape:
             raise ValueError(f"add_grad: gradient for {name!r} has shape {g.shape}, "
                              f"parameter has {self.data[name].shape}")
+        if g.dtype != self.compute_dtype:  # never promote silently (a float64 grad in a float32 model is a bug)
+            raise ValueError(f"add_grad: gradient for {name!r} has dtype {g.dtype}, "
+                             f"expected the compute dtype {self.compute_dtype}")
         old = self.grads.get(name)
         if old is None:
             self.grads[name] = g
@@ -92,6 +95,9 @@ class Params:
         unexpected names are ignored, but shape mismatches are still errors. dtype: convert while loading
         (e.g. np.float16 storage); None keeps the given dtype (float32 and float16 are both fine).
         Raises ValueError listing the first few missing / unexpected / mis-shaped names and their counts.
+        Arrays needing no conversion are kept, not copied (a memory-mapped checkpoint stays mapped and read-only
+        until an optimizer copies it): loading another live Params' state_dict() makes the two share arrays, so
+        pass copies ({k: v.copy() ...}) if both will change.
         """
         missing = [k for k in self.data if k not in state]
         unexpected = [k for k in state if k not in self.data]
