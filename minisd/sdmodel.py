@@ -11,6 +11,9 @@ cannot tell (head counts, activations, scheduler, prediction type, tokenizer pad
      "scheduler": {...SchedulerConfig (diffusers names)...}, "prediction_type": "epsilon" | "v_prediction",
      "tokenizer": {"pad_id": 49407, "added_tokens": {"<birb-style>": 49408}},
      "sample_size": 64,            # default latent size (image = sample_size * VAE downsample factor)
+     "default_sampler": "pndm",    # the sampler the source checkpoint names (SD 1.5: PNDM, SD 2.x: DDIM)
+     "scheduler_unset": [...],     # scheduler fields the source did not state: a different sampler takes its own
+                                   # defaults for them, as diffusers does when it swaps schedulers
      "name": "...", "notes": "..."}
 
 `weights_convert` turns other formats (LDM .ckpt/.safetensors, diffusers folders) into a `StableDiffusion`;
@@ -49,10 +52,12 @@ def _config_from_dict(cls, d, what):
 
 class StableDiffusion:
     """The three networks plus what is needed to run them. Attributes: unet, vae, text_encoder (minisd models),
-    tokenizer (CLIPTokenizer), scheduler (a diffusion.SchedulerConfig), prediction_type, sample_size, name."""
+    tokenizer (CLIPTokenizer), scheduler (a diffusion.SchedulerConfig), prediction_type, sample_size,
+    default_sampler (None: PNDM when the scheduler skips PRK steps as SD 1.x's does, else DDIM), scheduler_unset,
+    name, notes."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, prediction_type="epsilon", sample_size=64,
-                 name="", notes=""):
+                 name="", notes="", default_sampler=None, scheduler_unset=()):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UserError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
         if unet.config.context_dim != text_encoder.config.hidden_size:
@@ -66,6 +71,8 @@ class StableDiffusion:
         self.prediction_type = prediction_type
         self.sample_size = int(sample_size)
         self.name, self.notes = name, notes
+        self.default_sampler = default_sampler or ("pndm" if scheduler.skip_prk_steps else "ddim")
+        self.scheduler_unset = frozenset(scheduler_unset)
 
     @property
     def vae_scale_factor(self):
@@ -97,7 +104,8 @@ class StableDiffusion:
                 "text_encoder": _config_to_dict(self.text_encoder.config),
                 "scheduler": self.scheduler.to_dict(), "prediction_type": self.prediction_type,
                 "tokenizer": {"pad_id": self.tokenizer.pad_id, "added_tokens": dict(self.tokenizer.added_tokens)},
-                "sample_size": self.sample_size, "name": self.name, "notes": self.notes}
+                "sample_size": self.sample_size, "default_sampler": self.default_sampler,
+                "scheduler_unset": sorted(self.scheduler_unset), "name": self.name, "notes": self.notes}
 
     def save(self, path, dtype=None):
         """Write the minisd format (atomically). dtype: e.g. np.float16 to store half-size weights."""
@@ -132,7 +140,8 @@ class StableDiffusion:
                                 f"{list(added.values())}")
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], tok,
                    SchedulerConfig.from_dict(meta["scheduler"]), meta.get("prediction_type", "epsilon"),
-                   meta.get("sample_size", 64), meta.get("name", ""), meta.get("notes", ""))
+                   meta.get("sample_size", 64), meta.get("name", ""), meta.get("notes", ""),
+                   meta.get("default_sampler"), meta.get("scheduler_unset", ()))
 
 
 def read_minisd_meta(path):

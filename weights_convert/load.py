@@ -22,9 +22,6 @@ from minisd.io import safetensors
 from .diffusers_folder import is_diffusers_folder, load_diffusers_folder
 from .single_file import load_single_file
 
-# extra entries convert.py writes into the "minisd" metadata (beyond sdmodel.StableDiffusion.config_dict)
-DEFAULT_SAMPLER_KEY = "default_sampler"  # the sampler the source names, e.g. "pndm" for SD 1.5
-SCHEDULER_UNSET_KEY = "scheduler_unset"  # scheduler settings the source leaves to the chosen sampler's defaults
 
 
 def describe_kind(path):
@@ -77,20 +74,12 @@ def load_model(path, extract_ema=False, dtype=np.float32, variant=None, predicti
         if extract_ema:
             raise UserError(f"{path}: a minisd model holds one set of weights; --extract-ema applies when "
                             f"converting the original checkpoint")
-        meta = read_minisd_meta(path)
-        model = StableDiffusion.from_tensors(safetensors.load(path), meta, dtype=dtype)
-        model.default_sampler = meta.get(DEFAULT_SAMPLER_KEY)
-        model.scheduler_unset = frozenset(meta.get(SCHEDULER_UNSET_KEY, ()))
+        model = StableDiffusion.from_tensors(safetensors.load(path), read_minisd_meta(path), dtype=dtype)
     else:
         model, _ = load_single_file(path, extract_ema=extract_ema, dtype=dtype, prediction_type=prediction_type)
-    if not getattr(model, "default_sampler", None):
-        model.default_sampler = "pndm" if model.scheduler.skip_prk_steps else "ddim"
     return model
 
 
 def minisd_metadata(model):
-    """The "minisd" metadata document for `model` (sdmodel's config_dict + the default sampler)."""
-    meta = model.config_dict()
-    meta[DEFAULT_SAMPLER_KEY] = getattr(model, "default_sampler", None)
-    meta[SCHEDULER_UNSET_KEY] = sorted(getattr(model, "scheduler_unset", ()))
-    return json.dumps(meta)
+    """The "minisd" metadata document for `model` (sdmodel's config_dict, which includes the default sampler)."""
+    return json.dumps(model.config_dict())
