@@ -9,16 +9,21 @@
 #   env         nvidia-smi, CuPy / NVRTC / driver versions
 #   gate        python -m kernels.gate (NVRTC compile gate, sm_80 + sm_90, resource baseline)
 #   cpu-tests   the emulator test suite (what CI runs without a GPU)
-#   gpu-tests   tests/test_cuda_kernels.py + tests/test_cuda_emulator.py on real CuPy (-m gpu): every kernel version
-#               against PyTorch float64 with NaN-filled outputs, and the warp-intrinsic semantics against the Python
-#               PTX model (the check that confirms the emulator's warp model on hardware)
+#   gpu-tests   tests/test_cuda_kernels.py, test_cuda_conv.py, test_cuda_attention.py, test_cuda_unet.py and
+#               test_cuda_emulator.py on real CuPy (-m gpu): every kernel version against PyTorch float64 with
+#               NaN-filled outputs; the tiny U-Net / VAE / CLIP with every array on the GPU against the NumPy models;
+#               the warp-intrinsic semantics against the Python PTX model (confirms the emulator's warp model)
 #   memcheck    compute-sanitizer --tool memcheck on small cases of every op (out-of-bounds / misaligned accesses)
 #   racecheck   compute-sanitizer --tool racecheck on the same cases (shared-memory hazards)
 #   synccheck, initcheck   the same, informational (racecheck/synccheck were refused on some H200s: prefer an H100)
 #   fixtures    the bug fixtures of kernels/bugs/ under compute-sanitizer: the OOB write must be reported by
 #               memcheck, the missing __syncthreads by racecheck; the divergent barrier is run under synccheck and
 #               its outcome recorded (informational: what the hardware does there is undefined)
-#   bench       benchmarks/gpu.py --all-versions (timings against torch when torch has CUDA, and plain CuPy)
+#   bench       benchmarks/gpu.py --all-versions (timings against torch when torch has CUDA, and plain CuPy):
+#               conv forward/backward as % of cuDNN, attention as % of SDPA, the SD 1.5 U-Net step and training step
+#               vs diffusers (needs diffusers and a CUDA build of torch for the torch columns)
+# Results for the lead: $OUT/summary.md (the step summary and the benchmark table, ready to paste); every step's log
+# in $OUT/<step>.log.
 # Exit status: 0 when every required step passed, 1 otherwise; the summary at the end lists each step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,20 +60,24 @@ step env 1 bash -c "nvidia-smi && $PY -c 'import cupy; from cupy.cuda import nvr
 print(\"CuPy\", cupy.__version__, \"NVRTC\", nvrtc.getVersion(), \"driver\", runtime.driverGetVersion(),
       \"device\", runtime.getDeviceProperties(0)[\"name\"].decode())' && echo compute-sanitizer: ${SAN:-not found}"
 step gate 1 "$PY" -m kernels.gate
+CUDA_TESTS="tests/test_cuda_kernels.py tests/test_cuda_conv.py tests/test_cuda_attention.py tests/test_cuda_unet.py"
 step cpu-tests 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_gate.py tests/test_cuda_emulator.py \
-    tests/test_cuda_kernels.py -m "not gpu"
-step gpu-tests 1 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_kernels.py tests/test_cuda_emulator.py
+    $CUDA_TESTS -m "not gpu"
+step gpu-tests 1 "$PY" -m pytest -q -p no:cacheprovider -m gpu $CUDA_TESTS tests/test_cuda_emulator.py
 
-# small cases of every op and every version (test ids contain the shapes)
-SMALL="gpu and (3x6x7x5 or 3x5x33 or 3x1000 or 3x5x31 or 3x5x74)"
+# small cases of every op and every version (test ids contain the shapes): norms, softmax, GEGLU; conv (3x3
+# ragged, the VAE's stride-2 asymmetric padding, 1x1); attention (d = 40, cross with odd d, causal d = 64)
+SMALL="gpu and (3x6x7x5 or 3x5x33 or 3x1000 or 3x5x31 or 3x5x74 or 1x5x7x11_w13 or 3x5x7x11_w13 or 3x13x7x11 \
+or N1_L5_S5_h1_d40 or N3_L70_S77_h3_d13 or N2_L37_S37_h2_d64_causal)"
+SMALL_TESTS="tests/test_cuda_kernels.py tests/test_cuda_conv.py tests/test_cuda_attention.py"
 if [ -n "$SAN" ]; then
     for tool in memcheck racecheck; do
         step "$tool" 1 "$SAN" --tool "$tool" --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
-            tests/test_cuda_kernels.py -k "$SMALL"
+            $SMALL_TESTS -k "$SMALL"
     done
     for tool in synccheck initcheck; do
         step "$tool" 0 "$SAN" --tool "$tool" --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
-            tests/test_cuda_kernels.py -k "$SMALL"
+            $SMALL_TESTS -k "$SMALL"
     done
 
     # The bug fixtures on the hardware. CuPy's memory pool is switched off so that each array is its own
@@ -122,9 +131,19 @@ else
     failed=1
 fi
 
-step bench 1 "$PY" benchmarks/gpu.py --all-versions
+step bench 1 "$PY" benchmarks/gpu.py --all-versions --out "$OUT/bench.md"
 
 echo
 echo "=== summary (logs in $OUT/)"
 printf '%s\n' "${summary[@]}"
+{   # one file for the lead: the step outcomes, then the benchmark table (markdown)
+    echo "# scripts/gpu_check.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo '```'
+    printf '%s\n' "${summary[@]}"
+    echo '```'
+    echo
+    cat "$OUT/bench.md" 2>/dev/null || echo "(no benchmark table: see $OUT/bench.log)"
+} > "$OUT/summary.md"
+echo "results for the lead: $OUT/summary.md"
 exit $failed

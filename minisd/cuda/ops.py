@@ -327,3 +327,16 @@ def geglu_backward(dy, cache, *, version=None, threads=None):
         _launch_elementwise(op, get_kernel("geglu", f"geglu_backward_v{v}", h), v, M, F, threads,
                             (h, dy, dh, np.int32(M), np.int32(F)))
     return dh
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv2d and attention: their launch code lives in conv.py and attention.py (kernels/conv2d.cu, attention.cu) and is
+# re-exported here, so minisd.cuda.ops stays the one module the NumPy ops dispatch to. Imported last: those modules
+# use the helpers above.
+from . import attention as _attention_mod, conv as _conv_mod  # noqa: E402
+from .attention import attention_backward, attention_forward  # noqa: E402,F401
+from .conv import (conv2d_backward, conv2d_forward, upsample_nearest2x_backward,  # noqa: E402,F401
+                   upsample_nearest2x_forward)
+
+VERSIONS.update(_conv_mod.VERSIONS)
+VERSIONS.update(_attention_mod.VERSIONS)

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ..backend import xp_of
 from ..nn import Params, init_params
 from ..ops.activations import (gelu_backward, gelu_forward, quick_gelu_backward, quick_gelu_forward)
 from ..ops.attention import attention_backward, attention_forward
@@ -236,7 +237,7 @@ class CLIPTextModel:
         for i in reversed(range(len(caches))):  # reverse order of forward
             dx = self._layer_backward(layer(i), dx, caches[i])
         pos = P.data[self._key("pos")]
-        dpos = np.zeros(pos.shape, dtype=dx.dtype)
+        dpos = xp_of(dx).zeros(pos.shape, dtype=dx.dtype)  # on dx's device (numpy or cupy)
         dpos[:L] = dx.sum(axis=0)  # the same position rows are added to every sequence in the batch
         P.add_grad(self._key("pos"), dpos)
         P.add_grad(self._key("tok"), embedding_backward(dx, c_tok))

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ..backend import to_numpy, xp_of
 from ..nn import Params, init_params
 from ..ops.activations import geglu_backward, geglu_forward, silu_backward, silu_forward
 from ..ops.attention import attention_backward, attention_forward
@@ -232,7 +233,7 @@ def resblock_forward(P, n, x, emb, groups, dropout=0.0, rng=None):
     h, c_n2 = group_norm(P, n + "out_layers.0", h, groups, RES_EPS, act="silu")  # out_layers.1 is the SiLU
     mask = None
     if dropout > 0.0 and rng is not None:  # out_layers.2 is Dropout: only when training (an rng is given)
-        mask = (rng.random(h.shape) >= dropout).astype(h.dtype) / (1.0 - dropout)
+        mask = xp_of(h).asarray((rng.random(h.shape) >= dropout).astype(h.dtype) / (1.0 - dropout))  # host rng
         h = h * mask
     h, c_c2 = conv(P, n + "out_layers.3", h)
     c_skip = None
@@ -387,7 +388,11 @@ class UNet:
             # (zero_module in openaimodel.py / attention.py) so each block starts as the identity.
             zero = (".out_layers.3.weight", ".out_layers.3.bias", ".proj_out.weight", ".proj_out.bias",
                     prefix + "out.2.weight", prefix + "out.2.bias")
-            params = Params(init_params(shapes, rng, dtype, zero=zero), compute_dtype=dtype)
+            tensors = init_params(shapes, rng, dtype, zero=zero)
+            if config.num_classes is not None:  # nn.Embedding's default N(0, 1), as PyTorch initialises label_emb
+                tensors[prefix + "label_emb.weight"] = rng.standard_normal(
+                    shapes[prefix + "label_emb.weight"]).astype(dtype)
+            params = Params(tensors, compute_dtype=dtype)
         else:
             got = params.shapes()
             if got != shapes:
@@ -439,8 +444,9 @@ class UNet:
         self._check_inputs(x, t, context, y)
         P, cfg, p = self.params, self.config, self.prefix
         G, N = cfg.norm_num_groups, x.shape[0]
-        t = np.broadcast_to(np.asarray(t, dtype=np.float64), (N,))
-        temb = timestep_embedding(t, cfg.model_channels).astype(x.dtype)  # (N, mc), [cos, sin]
+        xp = xp_of(x)  # numpy or cupy: the timestep embedding is computed on the host and moved to x's device
+        t = np.broadcast_to(np.asarray(to_numpy(t), dtype=np.float64), (N,))
+        temb = xp.asarray(timestep_embedding(t, cfg.model_channels).astype(x.dtype))  # (N, mc), [cos, sin]
         h, c_te0 = linear(P, p + "time_embed.0", temb)
         h, c_te1 = silu_forward(h)  # time_embed.1 is SiLU
         emb, c_te2 = linear(P, p + "time_embed.2", h)  # (N, E)
@@ -503,8 +509,9 @@ class UNet:
         x_shape, ctx_shape = cache.shapes
         dh = conv_backward(P, p + "out.2", dout, cache.c_outconv)
         dh = group_norm_backward_named(P, p + "out.0", dh, cache.c_outnorm)
-        demb = np.zeros((x_shape[0], cfg.time_embed_dim), dtype=dout.dtype)
-        dctx = None if ctx_shape is None else np.zeros(ctx_shape, dtype=dout.dtype)
+        xp = xp_of(dout)  # numpy or cupy: the accumulators live where the gradients are
+        demb = xp.zeros((x_shape[0], cfg.time_embed_dim), dtype=dout.dtype)
+        dctx = None if ctx_shape is None else xp.zeros(ctx_shape, dtype=dout.dtype)
         layers = list(cache.layers)  # popped from the end: reverse order of forward
         dskips = []  # gradients of the skip stack, filled from the first pushed entry to the last
         for block, c_cat in zip(reversed(self.plan.output_blocks), reversed(cache.concats)):

@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ..backend import is_cuda, xp_of
+from ..backend import is_cuda, use_cuda_ops, xp_of
 from .common import check_float, parallel_for
 
 CHUNK = 1 << 16  # elements per work item of the chunked loops (256 KB of float32): amortises NumPy's ~1 us
@@ -116,7 +116,7 @@ def _tmp(like, slot):
 
 
 def _contig(x):
-    return np.ascontiguousarray(x)  # no copy when x is already C-contiguous
+    return xp_of(x).ascontiguousarray(x)  # no copy when x is already C-contiguous (np.ascontiguousarray refuses CuPy)
 
 
 def _compute_dtype(x):
@@ -404,7 +404,9 @@ def geglu_forward(h):
 
     h (..., 2F) -> y (..., F). The first half is the value, the second the gate (LDM GEGLU / diffusers GEGLU).
     """
-    # GPU: dispatch point (DEVELOPERS.md §6)
+    if use_cuda_ops(h):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.geglu_forward(h)
     check_float("geglu", h=h)
     if h.ndim < 1 or h.shape[-1] % 2:
         raise ValueError(f"geglu: argument 'h' must have an even last dimension (..., 2F), got {tuple(h.shape)}")
@@ -424,6 +426,9 @@ def geglu_forward(h):
 
 def geglu_backward(dy, cache):
     """dy (..., F) -> dh (..., 2F): d value = dy gelu(gate), d gate = dy value gelu'(gate)."""
+    if use_cuda_ops(dy):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.geglu_backward(dy, cache)
     h = cache.h
     F = h.shape[-1] // 2
     if dy.shape != h.shape[:-1] + (F,):
@@ -473,7 +478,9 @@ def softmax_forward(x, axis=-1):
 
     Subtracting the row maximum keeps exp from overflowing and changes nothing mathematically.
     """
-    # GPU: dispatch point (DEVELOPERS.md §6)
+    if use_cuda_ops(x):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.softmax_forward(x, axis)
     check_float("softmax", x=x)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax: axis {axis} out of range for an input of shape {tuple(x.shape)}")
@@ -501,6 +508,9 @@ def softmax_forward(x, axis=-1):
 
 def softmax_backward(dy, cache):
     """dy (...) -> dx (...) = y * (dy - sum(dy * y, axis))."""
+    if use_cuda_ops(dy):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.softmax_backward(dy, cache)
     y, axis = cache
     if dy.shape != y.shape:
         raise ValueError(f"softmax_backward: argument 'dy' must have shape {tuple(y.shape)}, got {tuple(dy.shape)}")

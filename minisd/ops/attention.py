@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import is_cuda
+from ..backend import use_cuda_ops
 from .common import check_float, check_ndim, check_shape, parallel_for
 
 # Default bound on the bytes of score/probability blocks alive at once (all buffers together).
@@ -137,9 +137,9 @@ def attention_forward(q, k, v, num_heads, causal=False, scale=None, max_score_by
     causal: query i attends to keys j <= i only (requires L == S). scale: defaults to d**-0.5.
     max_score_bytes: bound on the score/probability memory alive at once (default DEFAULT_MAX_SCORE_BYTES).
     """
-    # GPU: dispatch point (DEVELOPERS.md §6)
-    if is_cuda(q):
-        raise NotImplementedError("attention: the CUDA path is not implemented yet; pass NumPy arrays")
+    if use_cuda_ops(q):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.attention_forward(q, k, v, num_heads, causal, scale, max_score_bytes)
     _check_inputs(q, k, v, num_heads, causal)
     N, L, D = q.shape
     S = k.shape[1]
@@ -220,9 +220,9 @@ def attention_backward(dy, cache):
     block itself, so y need not be cached. A block spans all S keys, so these row sums are complete.
     dq rows belong to one block each; dk and dv are summed over the row blocks of a head, in a fixed order.
     """
-    # GPU: dispatch point (DEVELOPERS.md §6)
-    if is_cuda(dy):
-        raise NotImplementedError("attention: the CUDA path is not implemented yet; pass NumPy arrays")
+    if use_cuda_ops(dy):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.attention_backward(dy, cache)
     qh, kh, vh, lse, num_heads, scale, causal, max_score_bytes = cache
     B, L, d = qh.shape
     S = kh.shape[1]

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ..backend import use_cuda_ops
 from .activations import _chunked, _silu_bwd, _silu_fwd, _tmp
 from .common import check_float, check_ndim, check_shape
 
@@ -101,7 +102,9 @@ def group_norm_forward(x, gamma, beta, num_groups, eps, act=None):
     x (N, C, *spatial), gamma (C,), beta (C,), num_groups G dividing C, eps (1e-5 or 1e-6 in SD),
     act None or "silu" -> y (N, C, *spatial), cache.
     """
-    # GPU: dispatch point (DEVELOPERS.md §6)
+    if use_cuda_ops(x):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.group_norm_forward(x, gamma, beta, num_groups, eps, act)
     _check_group_norm(x, gamma, beta, num_groups, act)
     N, C = x.shape[:2]
     G = num_groups
@@ -142,6 +145,9 @@ def group_norm_forward(x, gamma, beta, num_groups, eps, act=None):
 
 def group_norm_backward(dy, cache):
     """dy (N, C, *spatial) -> (dx (N, C, *spatial), dgamma (C,), dbeta (C,))."""
+    if use_cuda_ops(dy):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.group_norm_backward(dy, cache)
     x, gamma, beta, mean, rstd, act = cache
     if dy.shape != x.shape:
         raise ValueError(f"group_norm_backward: argument 'dy' must have shape {tuple(x.shape)}, "
@@ -207,7 +213,9 @@ class LayerNormCache(NamedTuple):
 
 def layer_norm_forward(x, gamma, beta, eps):
     """LayerNorm over the last dimension. x (..., D), gamma (D,), beta (D,), eps (1e-5 in SD/CLIP) -> y (..., D)."""
-    # GPU: dispatch point (DEVELOPERS.md §6)
+    if use_cuda_ops(x):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.layer_norm_forward(x, gamma, beta, eps)
     check_ndim("layer_norm", "x", x, tuple(range(1, 9)))
     D = x.shape[-1]
     check_shape("layer_norm", "gamma", gamma, (D,))
@@ -243,6 +251,9 @@ def layer_norm_forward(x, gamma, beta, eps):
 
 def layer_norm_backward(dy, cache):
     """dy (..., D) -> (dx (..., D), dgamma (D,), dbeta (D,))."""
+    if use_cuda_ops(dy):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.layer_norm_backward(dy, cache)
     x, gamma, mean, rstd = cache
     if dy.shape != x.shape:
         raise ValueError(f"layer_norm_backward: argument 'dy' must have shape {tuple(x.shape)}, "
