@@ -8,7 +8,7 @@ Emulation: with `with minisd.backend.emulate():` (also `minisd.cuda.emulate()`) 
 MINISD_CUDA_EMULATE=1, the hot ops run their CUDA kernels on float32 NumPy arrays through the CPU emulator
 (kernels/emu/), with `xp = numpy`. That is how the GPU path is tested on machines without a GPU.
 MINISD_CUDA_EMULATE=sanitize (or `emulate(sanitize=True)`) builds the kernels with ASan+UBSan; the process must
-then run under `python -m kernels.emu.asan ...`. The switch is process-wide (not per thread).
+then run under `python -m minisd.cuda.emu.asan ...`. The switch is process-wide (not per thread).
 """
 import os
 from contextlib import contextmanager
@@ -52,7 +52,7 @@ def emulate(sanitize=False, enabled=True):
     """Inside this block, hot ops on float32 NumPy arrays run their CUDA kernels in the CPU emulator.
 
     sanitize=True builds the kernels with AddressSanitizer + UBSan (run the process with
-    `python -m kernels.emu.asan python ...`; an error aborts it with a report naming the .cu line).
+    `python -m minisd.cuda.emu.asan python ...`; an error aborts it with a report naming the .cu line).
     enabled=False switches emulation off inside the block, whatever the environment says (tests use it to run
     the NumPy reference next to the emulated kernels).
     """

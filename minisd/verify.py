@@ -145,7 +145,10 @@ def _load_text_state(text, state):
     if not hasattr(text, "text_model"):
         state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
     own = set(text.state_dict())
-    state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    # position_ids are a buffer some exports carry; text_projection belongs to CLIPTextModelWithProjection (a CLIP
+    # trained with minisd keeps it in the file) and is never used by SD, which reads the last hidden state.
+    state = {k: v for k, v in state.items()
+             if k in own or not (k.endswith("position_ids") or k.startswith("text_projection."))}
     missing = [k for k in own if k not in state and not k.endswith("position_ids")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

@@ -7,7 +7,7 @@
 #
 # Steps (logs in $GPU_CHECK_OUT, default ./gpu_check_out/):
 #   env         nvidia-smi, CuPy / NVRTC / driver versions
-#   gate        python -m kernels.gate (NVRTC compile gate, sm_80 + sm_90, resource baseline)
+#   gate        python -m minisd.cuda.gate (NVRTC compile gate, sm_80 + sm_90, resource baseline)
 #   cpu-tests   the emulator test suite (what CI runs without a GPU)
 #   gpu-tests   tests/test_cuda_kernels.py, test_cuda_conv.py, test_cuda_attention.py, test_cuda_unet.py and
 #               test_cuda_emulator.py on real CuPy (-m gpu): every kernel version against PyTorch float64 with
@@ -59,7 +59,7 @@ fi
 step env 1 bash -c "nvidia-smi && $PY -c 'import cupy; from cupy.cuda import nvrtc, runtime
 print(\"CuPy\", cupy.__version__, \"NVRTC\", nvrtc.getVersion(), \"driver\", runtime.driverGetVersion(),
       \"device\", runtime.getDeviceProperties(0)[\"name\"].decode())' && echo compute-sanitizer: ${SAN:-not found}"
-step gate 1 "$PY" -m kernels.gate
+step gate 1 "$PY" -m minisd.cuda.gate
 CUDA_TESTS="tests/test_cuda_kernels.py tests/test_cuda_conv.py tests/test_cuda_attention.py tests/test_cuda_unet.py"
 step cpu-tests 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_gate.py tests/test_cuda_emulator.py \
     $CUDA_TESTS -m "not gpu"
@@ -86,7 +86,7 @@ if [ -n "$SAN" ]; then
 import sys
 import cupy
 import numpy as np
-import kernels
+from minisd.cuda import sources as kernels
 cupy.cuda.set_allocator(None)
 name, kernel = sys.argv[1], sys.argv[2]
 mod = cupy.RawModule(code=kernels.source("bugs/" + name), options=kernels.NVRTC_OPTIONS)

@@ -90,10 +90,10 @@ def f32(rng, *shape, scale=1.0, shift=0.0):
 
 def run_under_sanitizer(test_file, extra_k=None, timeout=600):
     """Rerun `test_file` in a subprocess with the kernels built with ASan + UBSan (MINISD_CUDA_EMULATE=sanitize under
-    python -m kernels.emu.asan), forward thread order only; fail with the tail of its output on any report."""
+    python -m minisd.cuda.emu.asan), forward thread order only; fail with the tail of its output on any report."""
     if not HAVE_CXX:
         pytest.skip("the CUDA emulator needs g++")
-    from kernels.emu.asan import sanitizer_env
+    from minisd.cuda.emu.asan import sanitizer_env
     env = sanitizer_env()
     env["MINISD_CUDA_EMULATE"] = "sanitize"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])

@@ -208,9 +208,9 @@ class RawModule:
     """cupy.RawModule(code=..., options=...) stand-in: builds the source with the CPU emulator."""
 
     def __init__(self, code=None, options=(), **kwargs):
-        from kernels.emu import EmuRawModule
+        from minisd.cuda.emu import EmuRawModule
         from minisd.cuda.launch import resources_sm90
-        import kernels
+        from minisd.cuda import sources as kernels
         name = next((p.name for p in kernels.sources() if p.read_text() == code), "kernel.cu")
         self._m = EmuRawModule(code, options=options, name=f"kernels/{name}",
                                resources=resources_sm90().get(name, {}))

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
-from kernels.emu import (EmuArgumentError, EmuBuildError, EmuError, EmuKernelError, EmuLaunchError, EmuRawModule,
+from minisd.cuda import sources as kernels
+from minisd.cuda.emu import (EmuArgumentError, EmuBuildError, EmuError, EmuKernelError, EmuLaunchError, EmuRawModule,
                          asan_loaded)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,8 +302,9 @@ def test_divergent_barrier_fixture():
 
 
 _SANITIZED_RUN = textwrap.dedent("""
-    import sys, numpy as np, kernels
-    from kernels.emu import EmuRawModule
+    import sys, numpy as np
+    from minisd.cuda import sources as kernels
+    from minisd.cuda.emu import EmuRawModule
     mod = EmuRawModule(kernels.source("bugs/oob_write"), name="kernels/bugs/oob_write.cu", sanitize=True)
     x, y = np.ones(1000, np.float32), np.zeros(1000, np.float32)
     mod.get_function(sys.argv[1])((4,), (256,), (x, y, np.float32(2), np.int32(1000)))
@@ -313,7 +314,7 @@ _SANITIZED_RUN = textwrap.dedent("""
 
 
 def _run_sanitized(args, timeout=300):
-    from kernels.emu.asan import sanitizer_env
+    from minisd.cuda.emu.asan import sanitizer_env
     env = sanitizer_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -334,7 +335,7 @@ def test_sanitizer_reports_the_oob_write_fixture():
 
 _UB_KERNELS = textwrap.dedent('''
     import sys, numpy as np
-    from kernels.emu import EmuRawModule
+    from minisd.cuda.emu import EmuRawModule
     code = """extern "C" __global__ void smem_oob_v1(float* y) {
         __shared__ float s[64];
         s[threadIdx.x] = 1.0f;
@@ -368,7 +369,7 @@ def test_sanitizer_reports_static_smem_overrun_and_index_overflow(case, report):
 def test_sanitize_mode_needs_the_preloaded_runtime():
     if asan_loaded():
         pytest.skip("this process runs under the ASan runtime")
-    with pytest.raises(EmuError, match=r"python -m kernels\.emu\.asan"):
+    with pytest.raises(EmuError, match=r"python -m minisd\.cuda\.emu\.asan"):
         EmuRawModule(kernels.source("bugs/oob_write"), name="kernels/bugs/oob_write.cu", sanitize=True)
 
 

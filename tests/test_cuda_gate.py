@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import kernels
-from kernels import KERNEL_DIR, gate
+from minisd.cuda import sources as kernels
+from minisd.cuda import gate
+from minisd.cuda.sources import KERNEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,7 @@ def test_gate_passes_for_every_kernel(nvrtc_ok):
 
 
 def test_gate_command_line(nvrtc_ok):
-    r = subprocess.run([sys.executable, "-m", "kernels.gate"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "minisd.cuda.gate"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"gate passed: {len(kernels.sources())} files" in r.stdout
     assert "groupnorm_forward_v2" in r.stdout and "sm_80" in r.stdout and "sm_90" in r.stdout

@@ -13,7 +13,7 @@ a wrong sign, index or missing term gives errors of order 1. Softmax backward us
 instead of the result's (cancellation in nearly one-hot rows, see test_softmax_backward).
 
 Sanitizer mode: test_kernels_under_sanitizer reruns this file in a subprocess, forward thread order only, with the
-kernels built with ASan+UBSan (MINISD_CUDA_EMULATE=sanitize under python -m kernels.emu.asan).
+kernels built with ASan+UBSan (MINISD_CUDA_EMULATE=sanitize under python -m minisd.cuda.emu.asan).
 """
 import os
 import shutil
@@ -395,7 +395,7 @@ def test_minisd_cuda_imports_without_cupy():
 def test_kernels_under_sanitizer():
     if not HAVE_CXX:
         pytest.skip("the CUDA emulator needs g++")
-    from kernels.emu.asan import sanitizer_env
+    from minisd.cuda.emu.asan import sanitizer_env
     env = sanitizer_env()
     env["MINISD_CUDA_EMULATE"] = "sanitize"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])

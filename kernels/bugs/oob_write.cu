@@ -3,7 +3,7 @@
 // scale_rows_oob multiplies x (n,) by s into y (n,), one thread per element, but its guard is `i <= n` instead
 // of `i < n`, so thread n writes y[n] (and reads x[n]) when the grid has more than n threads. On a GPU this
 // silently corrupts whatever follows y (compute-sanitizer --tool memcheck reports it); in the emulator's sanitize
-// mode (ASan, python -m kernels.emu.asan) the write lands in the redzone after the NumPy buffer and ASan aborts
+// mode (ASan, python -m minisd.cuda.emu.asan) the write lands in the redzone after the NumPy buffer and ASan aborts
 // with "heap-buffer-overflow" and this file's line. tests/test_cuda_emulator.py checks that report in a
 // subprocess, and that the correct twin scale_rows_v1 runs clean under ASan.
 // Not part of the compile gate (kernels/bugs/ is excluded); it must still compile with NVRTC.

@@ -7,7 +7,7 @@ Targets:
   * "cupy": cupy.RawModule(code=<the .cu text>, options=kernels.NVRTC_OPTIONS). The text is read from the file
     and passed as `code=` (RawModule's `path=` is only for cubin/ptx files); CuPy compiles it with NVRTC on first
     use and caches the binary on disk itself.
-  * "emulate" / "sanitize": kernels.emu.EmuRawModule on the same text (sanitize: ASan+UBSan build). The emulator
+  * "emulate" / "sanitize": minisd.cuda.emu.EmuRawModule on the same text (sanitize: ASan+UBSan build). The emulator
     refuses launches a GPU would refuse, using the register and shared-memory usage that ptxas reported for sm_90
     (kernels/resources_baseline.json, kept current by the compile gate).
 Modules are built once per (source, target) and process.
@@ -79,14 +79,9 @@ _resources = None
 
 
 def _kernels_package():
-    """The `kernels` package (the .cu sources and the emulator), installed next to minisd by setup.py."""
-    try:
-        import kernels
-    except ImportError:
-        raise ImportError("minisd.cuda needs the `kernels` package that ships with minisd (the CUDA sources); "
-                          "reinstall minisd (`pip install -e .` in the repository) or run from the repository "
-                          "root") from None
-    return kernels
+    """minisd.cuda.sources: where the .cu files are (imported late, so `import minisd` stays cheap)."""
+    from . import sources
+    return sources
 
 
 def resources_sm90():
@@ -110,7 +105,7 @@ def get_module(source_name, target):
                 cupy = require_gpu()
                 mod = cupy.RawModule(code=code, options=kernels.NVRTC_OPTIONS)
             else:
-                from kernels.emu import EmuRawModule
+                from .emu import EmuRawModule
                 mod = EmuRawModule(code, options=kernels.NVRTC_OPTIONS, name=f"kernels/{source_name}.cu",
                                    sanitize=(target == "sanitize"),
                                    resources=resources_sm90().get(f"{source_name}.cu", {}))

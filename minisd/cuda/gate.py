@@ -1,8 +1,8 @@
 """NVRTC compile gate for minisd's CUDA kernels: no GPU and no driver needed.
 
-    python -m kernels.gate                      # check every kernels/*.cu for sm_80 and sm_90
-    python -m kernels.gate --update-baseline    # accept the current register / shared-memory usage
-    python -m kernels.gate kernels/softmax.cu --arch 90
+    python -m minisd.cuda.gate                      # check every kernels/*.cu for sm_80 and sm_90
+    python -m minisd.cuda.gate --update-baseline    # accept the current register / shared-memory usage
+    python -m minisd.cuda.gate kernels/softmax.cu --arch 90
 
 What it checks, per file and architecture (cubin, `-Xptxas=-v`, the options production uses):
   1. conventions: no #include, every __global__ kernel is extern "C", the file opens with a comment that has a
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from . import KERNEL_DIR, NVRTC_OPTIONS, find_kernels, sources, strip_comments
+from .sources import KERNEL_DIR, NVRTC_OPTIONS, find_kernels, sources, strip_comments
 
 BASELINE = KERNEL_DIR / "resources_baseline.json"
 ARCHS = ("80", "90")  # A100 and H100: the GPUs minisd targets (the project's GPU machines are H100/H200)
@@ -168,7 +168,7 @@ def check(paths=None, archs=ARCHS, baseline=BASELINE, production=True):
                     status = (f"uses local memory ({r['stack']} bytes stack frame, {r['spill_stores']} bytes spill "
                               f"stores, {r['spill_loads']} bytes spill loads)")
                 elif baseline and b is None:
-                    status = "not in the baseline (new kernel? run python -m kernels.gate --update-baseline)"
+                    status = "not in the baseline (new kernel? run python -m minisd.cuda.gate --update-baseline)"
                 elif b is not None and (r["regs"] > b["regs"] or r["smem"] > b["smem"]):
                     status = (f"regressed: {r['regs']} registers / {r['smem']} bytes smem, baseline "
                               f"{b['regs']} / {b['smem']}")
@@ -180,7 +180,7 @@ def check(paths=None, archs=ARCHS, baseline=BASELINE, production=True):
             if baseline:
                 for kernel in sorted(set(have) - set(res)):
                     errors.append(f"{fname} {kernel} ({key}): in the baseline but not in the source (removed? run "
-                                  f"python -m kernels.gate --update-baseline)")
+                                  f"python -m minisd.cuda.gate --update-baseline)")
     if errors and base.get("nvrtc") and base.get("nvrtc") != _safe_version():
         errors.append(f"note: the baseline was recorded with NVRTC {base['nvrtc']}, this is NVRTC "
                       f"{_safe_version()}; if a register change comes from the compiler, accept it with "
@@ -202,7 +202,7 @@ def write_baseline(measured, path=BASELINE):
     data = json.loads(path.read_text()) if path.exists() else {}
     data["nvrtc"] = nvrtc_version()
     data["note"] = ("registers and static shared memory (bytes) per kernel, from NVRTC + ptxas -v; written by "
-                    "python -m kernels.gate --update-baseline")
+                    "python -m minisd.cuda.gate --update-baseline")
     for arch, files in measured.items():
         for f, ks in files.items():
             data.setdefault(arch, {})[f] = {k: {"regs": r["regs"], "smem": r["smem"]} for k, r in sorted(ks.items())}
@@ -234,7 +234,7 @@ def format_table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m kernels.gate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minisd.cuda.gate", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", help="the .cu files to check (default: every kernels/*.cu)")
     p.add_argument("--arch", nargs="+", default=list(ARCHS), help="SM architectures (default: 80 90)")
     p.add_argument("--baseline", default=str(BASELINE), help="resource baseline JSON (default: %(default)s)")

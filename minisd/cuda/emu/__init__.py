@@ -1,6 +1,6 @@
 """CPU emulator for minisd's CUDA kernels: run the unchanged .cu source under g++ on NumPy arrays.
 
-    from kernels.emu import EmuRawModule
+    from minisd.cuda.emu import EmuRawModule
     mod = EmuRawModule(code=kernels.source("softmax"), name="kernels/softmax.cu")
     mod.get_function("softmax_forward_v3")(grid, block, args, shared_mem=0)
 

@@ -1,7 +1,7 @@
 """Run a command with the AddressSanitizer runtime preloaded, for the emulator's sanitize mode.
 
-    python -m kernels.emu.asan python -m pytest tests/test_cuda_kernels.py
-    python -m kernels.emu.asan python my_script.py
+    python -m minisd.cuda.emu.asan python -m pytest tests/test_cuda_kernels.py
+    python -m minisd.cuda.emu.asan python my_script.py
 
 Why: a module built with -fsanitize=address can only be loaded into a process whose *first* loaded library is the
 ASan runtime; Python itself is not instrumented, so the runtime is injected with LD_PRELOAD (g++'s libasan.so).

@@ -1,10 +1,14 @@
-"""minisd's CUDA C kernels: one `.cu` file per op family, plus the tools that check them without a GPU.
+"""Where minisd's CUDA C kernels live, and how their source is read: one `.cu` file per op family.
 
-    kernels/groupnorm.cu, layernorm.cu, softmax.cu, geglu.cu   the kernels (CuPy loads them with RawModule)
-    kernels/emu/                                               CPU emulator that runs the same .cu files
-    kernels/gate.py                                            NVRTC compile gate: `python -m kernels.gate`
-    kernels/resources_baseline.json                            registers / shared memory per kernel (the gate's baseline)
-    kernels/bugs/                                              deliberately broken kernels: test fixtures for the tools
+    kernels/groupnorm.cu, layernorm.cu, softmax.cu, geglu.cu, conv2d.cu, attention.cu
+                                      the kernels (CuPy loads them with RawModule; the emulator compiles them with g++)
+    kernels/emu/cuda_emu.h            the C++ side of the CPU emulator (minisd/cuda/emu/ is its Python side)
+    kernels/resources_baseline.json   registers / shared memory per kernel (the baseline of minisd/cuda/gate.py)
+    kernels/bugs/                     deliberately broken kernels: test fixtures for the tools
+
+`kernels/` is a folder of sources, not a Python package: an importable top-level `kernels` would shadow the
+Hugging Face package of that name, which transformers imports. In a source checkout KERNEL_DIR is the repository's
+`kernels/`; an installed wheel carries a copy in `minisd/cuda/kernels/` (setup.py copies it at build time).
 
 Conventions every .cu follows (kernels/README.md explains why): no `#include`; every kernel is
 `extern "C" __global__` (no C++ name mangling, so CuPy and the emulator find it by name); dynamic shared memory is
@@ -12,12 +16,22 @@ declared with `EMU_EXTERN_SHARED(type, name)`; float32 first; the file opens wit
 computes, the shapes, the NumPy reference it must match and a version history; the production kernel keeps its
 version number in its name (`groupnorm_forward_v2`), older versions stay in the file and are tested too.
 
-This package needs only the standard library (numpy for the emulator); minisd.cuda uses it to find the sources.
+This module needs only the standard library.
 """
 import re
 from pathlib import Path
 
-KERNEL_DIR = Path(__file__).resolve().parent
+
+def _kernel_dir():
+    """The repository's kernels/ (source checkout, editable install), else the copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent  # minisd/cuda
+    for candidate in (here.parent.parent / "kernels", here / "kernels"):
+        if (candidate / "emu" / "cuda_emu.h").is_file():
+            return candidate
+    return here.parent.parent / "kernels"  # missing: source() says what is absent
+
+
+KERNEL_DIR = _kernel_dir()
 
 # Options every compile of a minisd kernel uses: by cupy.RawModule on the GPU and by the NVRTC gate. No fast-math:
 # the kernels must agree with the NumPy reference to ~1e-6, and they are memory-bound, so it would buy nothing.

@@ -26,7 +26,7 @@ Modes:
   * schedule: environment variable EMU_SCHED=forward|reverse|random (EMU_SEED=<int> for random), read at every
     launch. Correct kernels give identical results under all three; a missing barrier usually does not.
   * sanitize=True: build with -fsanitize=address,undefined. The ASan runtime must be loaded before Python
-    starts, so run the process through `python -m kernels.emu.asan <command>` (see asan.py); errors then abort
+    starts, so run the process through `python -m minisd.cuda.emu.asan <command>` (see asan.py); errors then abort
     the process with a report naming the .cu line, so run such launches in a subprocess.
 """
 import ctypes
@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import find_kernels
+from ..sources import KERNEL_DIR, find_kernels
 
-HEADER = Path(__file__).resolve().parent / "cuda_emu.h"
+HEADER = KERNEL_DIR / "emu" / "cuda_emu.h"  # the C++ side of the emulator lives with the kernels
 
 # Limits of the GPU the checks model: H100 (sm_90). The A100 (sm_80) has the same block/grid/register limits and
 # 163 KiB instead of 227 KiB of opt-in shared memory per block.
@@ -146,7 +146,7 @@ class EmuRawModule:
         if self.sanitize:
             if not asan_loaded():
                 raise EmuError("sanitize=True needs the ASan runtime loaded before Python starts: run the command "
-                               "as `python -m kernels.emu.asan <command>` (it sets LD_PRELOAD to g++'s libasan.so)")
+                               "as `python -m minisd.cuda.emu.asan <command>` (it sets LD_PRELOAD to g++'s libasan.so)")
             flags += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                       "-fno-omit-frame-pointer"]
         else:
