@@ -25,21 +25,41 @@ from .data import eval_images, prepare
 from .metrics import classifier_report, clip_report, feature_frechet
 
 
+def _shipped_classifier(model_file):
+    """(ConvNet, meta) of the classifier packaged inside a model file (the default model carries one), or None."""
+    if model_file is not None and "classifier" in model_file.meta and \
+            any(k.startswith("classifier.") for k in model_file.tensors):
+        meta = model_file.meta["classifier"]
+        return load_classifier(model_file.tensors, meta), meta
+    return None
+
+
 def find_classifier(dataset, classifier_path=None, model_file=None):
     """(ConvNet, its export metadata, where it came from) or a UserError explaining how to get one."""
     if classifier_path is not None:
         mf = load_model_file(classifier_path)
-        if mf.kind != "classifier":
-            raise UserError(f"--classifier {classifier_path} is a {mf.kind} model, not a classifier")
-        return load_classifier(mf.tensors, mf.meta), mf.meta, str(classifier_path)
-    if model_file is not None and "classifier" in model_file.meta and \
-            any(k.startswith("classifier.") for k in model_file.tensors):
-        meta = model_file.meta["classifier"]
-        return load_classifier(model_file.tensors, meta), meta, f"{model_file.path} (shipped classifier)"
+        if mf.kind == "classifier":
+            return load_classifier(mf.tensors, mf.meta), mf.meta, str(classifier_path)
+        shipped = _shipped_classifier(mf)  # e.g. --classifier minisd/data/default_model.safetensors
+        if shipped is None:
+            raise UserError(f"--classifier {classifier_path} is a {mf.kind} model, not a classifier, and carries "
+                            f"none")
+        return shipped + (f"{classifier_path} (shipped classifier)",)
+    shipped = _shipped_classifier(model_file)
+    if shipped is not None:
+        return shipped + (f"{model_file.path} (shipped classifier)",)
     default = Path("runs") / f"{dataset}_classifier" / "model.safetensors"
     if default.is_file():
         mf = load_model_file(default)
         return load_classifier(mf.tensors, mf.meta), mf.meta, str(default)
+    # Last resort for MNIST: the classifier inside the model that ships with minisd (trained by the
+    # mnist_classifier recipe), so a freshly trained MNIST model can be scored without training one first.
+    from .sampling import DEFAULT_MODEL as packaged
+    if packaged.is_file():
+        mf = load_model_file(packaged)
+        shipped = _shipped_classifier(mf)
+        if shipped is not None and shipped[1].get("dataset") == dataset:
+            return shipped + (f"{packaged} (shipped classifier)",)
     raise UserError(f"no {dataset} classifier found: train it with `minisd train --recipe {dataset}_classifier` "
                     f"(writes {default}) or pass --classifier FILE")
 
