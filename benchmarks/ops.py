@@ -53,7 +53,8 @@ from minisd.ops.activations import geglu_backward, geglu_forward  # noqa: E402
 from minisd.ops.attention import attention_backward, attention_forward  # noqa: E402
 from minisd.ops.conv import conv2d_backward, conv2d_forward  # noqa: E402
 from minisd.ops.linear import linear_backward, linear_forward  # noqa: E402
-from minisd.ops.norm import group_norm_backward, group_norm_forward, layer_norm_backward, layer_norm_forward  # noqa: E402
+from minisd.ops.norm import (group_norm_backward, group_norm_forward, layer_norm_backward,  # noqa: E402
+                             layer_norm_forward)
 
 EPS = 1e-5  # GroupNorm32 in the ResBlocks and every LayerNorm of the U-Net's transformer blocks
 MODES = ("fwd", "fwd+bwd")

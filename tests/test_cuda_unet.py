@@ -14,7 +14,6 @@ References: the same model with the CUDA dispatch switched off (NumPy ops, float
 Every test checks that the kernels really ran (the modules the launcher loaded).
 """
 import dataclasses
-import inspect
 
 import numpy as np
 import pytest
@@ -25,23 +24,11 @@ from minisd.cuda import launch
 from minisd.models import clip as C
 from minisd.models import unet as U
 from minisd.models import vae as V
-from minisd.ops import conv as np_conv
 from minisd.testing import rel_error
 
 from cuda_testing import HAVE_CXX, SANITIZE
 
 pytestmark = pytest.mark.skipif(not HAVE_CXX, reason="the CUDA emulator needs g++")
-
-# The dispatch lines these tests rely on in minisd/ops/conv.py (DEVELOPERS.md §6). Until they are there, the tests
-# that need them are expected to fail, and fail for exactly that reason (strict xfail): the models then run their
-# convs on the NumPy path ("conv2d" never launched), and on device arrays the NumPy upsample's np.empty output meets
-# a CuPy array (TypeError).
-CONV_DISPATCH = "use_cuda_ops" in inspect.getsource(np_conv.conv2d_forward)
-UPSAMPLE_DISPATCH = "use_cuda_ops" in inspect.getsource(np_conv.upsample_nearest2x_forward)
-needs_conv_dispatch = pytest.mark.xfail(not CONV_DISPATCH, raises=AssertionError, strict=True,
-                                        reason="minisd/ops/conv.py:conv2d_forward has no CUDA dispatch yet")
-needs_device_dispatch = pytest.mark.xfail(not (CONV_DISPATCH and UPSAMPLE_DISPATCH), raises=TypeError, strict=True,
-                                          reason="minisd/ops/conv.py: conv2d/upsample have no CUDA dispatch yet")
 
 XATTN2 = U.UNetConfig(in_channels=4, out_channels=4, model_channels=40, channel_mult=(1, 2),
                       attention_resolutions=(1, 2), num_res_blocks=1, num_heads=1, context_dim=24,
@@ -95,7 +82,6 @@ def _unet(cfg, rng):
     return model, x, t, ctx
 
 
-@needs_conv_dispatch
 @pytest.mark.parametrize("name", sorted(UNETS))
 def test_unet_forward(rng, kernels_used, name):
     model, x, t, ctx = _unet(UNETS[name], rng)
@@ -105,7 +91,6 @@ def test_unet_forward(rng, kernels_used, name):
     assert rel_error(got, ref) < TOL, rel_error(got, ref)
 
 
-@needs_conv_dispatch
 @pytest.mark.parametrize("name", sorted(UNETS))
 def test_unet_backward(rng, kernels_used, name):
     """dx, dcontext and every parameter gradient of a training step, kernels vs NumPy ops."""
@@ -128,7 +113,6 @@ def test_unet_backward(rng, kernels_used, name):
     assert rel_error(g1[worst], g0[worst]) < TOL, (worst, rel_error(g1[worst], g0[worst]))
 
 
-@needs_conv_dispatch
 def test_vae_decoder(rng, kernels_used):
     model = V.VAE(V.TINY, rng=rng)
     randomize(model.params, rng)
@@ -179,7 +163,6 @@ def _on(xp, params):
     return Params(dict(params.data), compute_dtype=params.compute_dtype).to(xp)
 
 
-@needs_device_dispatch
 @pytest.mark.parametrize("name", sorted(UNETS))
 def test_unet_on_device_arrays(rng, device_xp, name):
     """Forward and backward with every array on the device; vs the NumPy model."""
@@ -201,7 +184,6 @@ def test_unet_on_device_arrays(rng, device_xp, name):
         assert backend.is_cuda(g) and rel_error(_host(g), g0[k]) < TOL, k
 
 
-@needs_device_dispatch
 def test_vae_and_clip_on_device_arrays(rng, device_xp):
     xp = device_xp
     vae = V.VAE(V.TINY, rng=rng)

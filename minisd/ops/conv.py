@@ -56,6 +56,7 @@ from typing import List, NamedTuple, Tuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..backend import use_cuda_ops
 from .common import check_float, check_ndim, check_shape, parallel_for
 
 # Upper bound for each im2col-sized scratch buffer (forward: cols; backward: cols and dcols; Winograd: its two tile
@@ -247,7 +248,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 
     stride: int >= 1. padding: int (all sides) or ((top, bottom), (left, right)); zeros, as PyTorch.
     """
-    # GPU: dispatch point, see DEVELOPERS.md §6
+    if use_cuda_ops(x):  # GPU: dispatch point (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops  # inside the function: minisd.cuda.ops imports this module
+        return cuda_ops.conv2d_forward(x, w, b, stride, padding)
     op = "conv2d"
     check_ndim(op, "x", x, 4)
     check_ndim(op, "w", w, 4)
@@ -280,7 +283,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 
 def conv2d_backward(dy, cache):
     """dy (N, Cout, Ho, Wo) -> (dx (N, C, H, W), dw (Cout, C, KH, KW), db (Cout,) or None)."""
-    # GPU: dispatch point, see DEVELOPERS.md §6
+    if use_cuda_ops(dy):  # GPU: dispatch point (DEVELOPERS.md §6); both paths read each other's caches
+        from ..cuda import ops as cuda_ops
+        return cuda_ops.conv2d_backward(dy, cache)
     x, w, has_bias, stride, pads, algo = cache
     N, C, H, W = x.shape
     Cout, _, kh, kw = w.shape
@@ -494,7 +499,9 @@ class UpsampleCache(NamedTuple):
 
 def upsample_nearest2x_forward(x):
     """x (N, C, H, W) -> y (N, C, 2H, 2W): each pixel becomes a 2x2 block (F.interpolate(scale_factor=2, "nearest"))."""
-    # GPU: dispatch point, see DEVELOPERS.md §6
+    if use_cuda_ops(x):  # GPU: a device twin (np.empty + threads cannot hold CuPy arrays), DEVELOPERS.md §6
+        from ..cuda import ops as cuda_ops
+        return cuda_ops.upsample_nearest2x_forward(x)
     check_ndim("upsample_nearest2x", "x", x, 4)
     check_float("upsample_nearest2x", x=x)
     N, C, H, W = x.shape
@@ -511,6 +518,9 @@ def upsample_nearest2x_forward(x):
 
 def upsample_nearest2x_backward(dy, cache):
     """dy (N, C, 2H, 2W) -> dx (N, C, H, W): each input pixel was copied to 4 outputs, so sum their gradients."""
+    if use_cuda_ops(dy):  # GPU: the device twin (DEVELOPERS.md §6)
+        from ..cuda import ops as cuda_ops
+        return cuda_ops.upsample_nearest2x_backward(dy, cache)
     N, C, H, W = cache.x_shape
     check_shape("upsample_nearest2x_backward", "dy", dy, (N, C, 2 * H, 2 * W))
     dy6 = dy.reshape(N * C, H, 2, W, 2)  # (N*C, H, 2, W, 2)
