@@ -33,6 +33,12 @@ BENCH_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINISD_NUM_THREADS")
 for _v in _THREAD_VARS:  # must happen before numpy/torch are imported to take effect
     os.environ.setdefault(_v, str(BENCH_THREADS))
+# torch's OpenMP workers busy-wait after every parallel region (libgomp's default spin), and on a 2-core machine
+# that spinning takes the cores away from whatever runs next: in an interleaved timing, minisd's call. Measured
+# for LayerNorm (2, 4096, 320): minisd 2.1 ms alone, 3.2-3.7 ms right after a torch call; with passive waiting
+# 2.3-2.6 ms, while torch's own time stayed the same (0.68 vs 0.70 ms). So workers sleep when idle; set
+# OMP_WAIT_POLICY=ACTIVE in the environment to see the other behaviour.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib  # noqa: E402  (after the environment is set, on purpose)
 import importlib.util  # noqa: E402
