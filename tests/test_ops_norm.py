@@ -48,7 +48,7 @@ def _torch_group_norm(x, gamma, beta, G, eps, act, dy, dtype):
 @pytest.mark.parametrize("shape,G", [
     ((1, 6, 7, 11), 3), ((3, 6, 7, 11), 3), ((3, 6, 7, 11), 6), ((3, 6, 13), 2),
     ((2, 12), 3),  # 2-D (N, C): 4 values per group
-    ((3, 64, 37, 41), 32),  # 96 rows of 3034 values: 3 blocks over the threads, 1517-value channel rows
+    ((3, 64, 37, 41), 32),  # 96 rows of 3034 values: one block per thread, 1517-value channel rows
 ])
 @pytest.mark.parametrize("act", [None, "silu"])
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
@@ -174,3 +174,33 @@ def test_layer_norm_bad_input():
     _, cache = layer_norm_forward(x, np.ones(5, np.float32), np.zeros(5, np.float32), 1e-5)
     with pytest.raises(ValueError, match=r"layer_norm_backward: argument 'dy' must have shape \(2, 5\)"):
         layer_norm_backward(np.zeros((5, 2), np.float32), cache)
+
+
+# ------------------------------------------------------------------------------------------------------------ blocks
+
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_row_blocks_do_not_change_results(rng, monkeypatch, act):
+    """How the rows are cut into blocks (many small ones, one per thread, or a single one) changes only the speed:
+    every block computes per-row results. Small blocks here make each thread run several of them."""
+    import minisd.ops.norm as norm
+    x = (rng.standard_normal((3, 12, 9, 11)) * 2 + 1).astype(np.float32)  # 36 GroupNorm rows of 297 values
+    xl = (rng.standard_normal((5, 37, 24)) + 1).astype(np.float32)  # 185 LayerNorm rows of 24 values
+    gamma, beta = _params(rng, 12, np.float32)
+    gl, bl = _params(rng, 24, np.float32)
+    dy, dyl = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(xl.shape).astype(np.float32)
+
+    def run():
+        y, c = group_norm_forward(x, gamma, beta, 4, 1e-5, act=act)
+        yl, cl = layer_norm_forward(xl, gl, bl, 1e-5)
+        return (y,) + group_norm_backward(dy, c) + (yl,) + layer_norm_backward(dyl, cl)
+
+    monkeypatch.setattr(norm, "BLOCK", 1 << 30)
+    monkeypatch.setattr(norm, "MIN_SPLIT", 1 << 30)
+    whole = run()  # one block for everything
+    monkeypatch.setattr(norm, "BLOCK", 700)
+    monkeypatch.setattr(norm, "MIN_SPLIT", 1)
+    cut = run()  # GroupNorm: 2 rows of 297 values per block; LayerNorm: 29 rows per block
+    # per-row results (y, dx) are the same sums in the same order; LayerNorm's dgamma / dbeta add one partial per
+    # block (fixed blocks, so the same on any thread count) and so differ by float32 rounding of a 185-term sum
+    for i, (a, b) in enumerate(zip(whole, cut)):
+        np.testing.assert_allclose(a, b, rtol=1e-5 if i in (6, 7) else 1e-6, atol=1e-6)

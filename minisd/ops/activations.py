@@ -100,8 +100,9 @@ def _tmp(like, slot):
     A fresh np.empty for every temporary of every chunk costs more than the arithmetic (measured: erf on 32K
     elements ~3.5x slower with its six temporaries freshly allocated each time; large allocations go back to
     the OS and come back as fresh pages). Kernels that call each other use different slots. Only buffers of up to
-    2 * CHUNK elements are kept (0.5 MB in float32 per slot and thread, ~20 slots); bigger requests (GroupNorm
-    rows longer than that) get a fresh array each time.
+    4 * CHUNK elements are kept (1 MB in float32 per slot and thread: the activations' slots hold CHUNK, the
+    norms' one block of norm.BLOCK = 4 * CHUNK); bigger requests (GroupNorm rows longer than a block) get a fresh
+    array each time.
     """
     if is_cuda(like):
         return xp_of(like).empty_like(like)
@@ -110,7 +111,7 @@ def _tmp(like, slot):
     buf = _SCRATCH.__dict__.get(key)
     if buf is None or buf.size < n:
         buf = np.empty(max(n, CHUNK), like.dtype)
-        if n <= 2 * CHUNK:
+        if n <= 4 * CHUNK:
             _SCRATCH.__dict__[key] = buf
     return buf[:n].reshape(like.shape)
 

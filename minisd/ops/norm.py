@@ -35,11 +35,16 @@ import numpy as np
 
 from ..backend import use_cuda_ops
 from .activations import _chunked, _silu_bwd, _silu_fwd, _tmp
-from .common import check_float, check_ndim, check_shape
+from .common import check_float, check_ndim, check_shape, num_threads
 
 _ACTS = (None, "silu")
-BLOCK = 1 << 17  # elements per work item (whole rows, at least one): big enough to amortise ~15 NumPy calls of
-#                  per-block bookkeeping (measured: 2x the speed of 32K blocks), small enough for L2/L3
+BLOCK = 1 << 18  # elements per work item (whole rows, at least one). Why this size: every NumPy call of a block
+#                  needs the GIL for its Python-level bookkeeping (~15 calls per block), and with two threads each
+#                  waiting for the other's turn that overhead, not the arithmetic, is what small blocks pay for.
+#                  Measured (benchmarks/ops.py, 2 threads, best of 20): LayerNorm 2x4096x320 forward 4.2-5.3x
+#                  torch with 128K blocks, 2.8-3.0x with 256K; GroupNorm 2x320x64x64 4.2-4.5x -> 2.8-3.2x; 512K
+#                  was no faster and uses more memory.
+MIN_SPLIT = 1 << 15  # a tensor of at least this many elements per thread is split so that every thread gets a block
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -85,6 +90,11 @@ def _group_view(x, G):
 def _blocks(nrows, row_size, fn, bufsize=None):
     """fn(r0, r1) over blocks of whole rows holding ~BLOCK elements, spread over the threads."""
     rows = max(1, BLOCK // max(1, row_size))
+    # a tensor smaller than a few blocks (the small training U-Nets) would otherwise run on one core; these blocks
+    # compute per-row results only, so how the rows are cut does not change them
+    per_thread = -(-nrows // num_threads())
+    if per_thread * row_size >= MIN_SPLIT:
+        rows = min(rows, per_thread)
     _chunked(-(-nrows // rows), lambda b0, b1: fn(b0 * rows, min(nrows, b1 * rows)), chunk=1, bufsize=bufsize)
 
 
