@@ -39,6 +39,10 @@ for _v in _THREAD_VARS:  # must happen before numpy/torch are imported to take e
 # 2.3-2.6 ms, while torch's own time stayed the same (0.68 vs 0.70 ms). So workers sleep when idle; set
 # OMP_WAIT_POLICY=ACTIVE in the environment to see the other behaviour.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NumPy's OpenBLAS workers spin the same way (~0.1 s after each matmul). `import minisd` shortens that by itself
+# when it comes before numpy (minisd/__init__.py says why and what it measured); these scripts import numpy
+# first, so they set the same value here. It touches only NumPy's BLAS, not torch's.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
 
 import importlib  # noqa: E402  (after the environment is set, on purpose)
 import importlib.util  # noqa: E402
