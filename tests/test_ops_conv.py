@@ -20,6 +20,7 @@ def _force(monkeypatch, algo):
     if algo == "winograd":
         monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_TILES", 0)
         monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
+        monkeypatch.setattr(conv_mod, "WINOGRAD_NARROW_MIN_CHANNELS", 0)
     else:
         monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_TILES", 10**12)
 
@@ -60,6 +61,10 @@ GRADCHECK_CASES = [
     (2, 2, 5, 6, 3, 3, 3, 0, True),  # stride 3, no padding, a leftover input row/column never read
     (2, 2, 2, 3, 2, 3, 1, 4, True),  # padding wider than the kernel: whole output rows see only zeros
     (2, 3, 6, 6, 4, 3, 1, 0, True),  # 3x3 without padding, even sizes (Winograd tiles fit exactly)
+    # stride 1 other than 3x3: the input gradient as a conv of dy with the flipped kernel, and the row-run im2col
+    (2, 3, 7, 6, 2, 5, 1, ((2, 1), (0, 3)), True),  # 5x5, lopsided padding (each side < K)
+    (1, 2, 5, 4, 3, 2, 1, 0, False),  # 2x2, even kernel, no padding (the band is x itself)
+    (2, 3, 4, 5, 2, 1, 1, 1, True),  # 1x1 with padding: as wide as the kernel, so the im2col backward
 ]
 
 
@@ -115,6 +120,8 @@ TORCH_CASES = [
     (1, 5, 7, 11, 13, 1, 2, 0),
     (3, 7, 9, 6, 5, 3, 1, 0),
     (1, 13, 7, 11, 7, 3, 1, ((0, 1), (0, 1))),
+    (3, 7, 9, 10, 5, 5, 1, ((2, 1), (0, 3))),  # 5x5 stride 1, lopsided padding
+    (1, 5, 6, 7, 3, 2, 1, 0),  # even kernel, no padding
 ]
 
 
@@ -144,11 +151,12 @@ def test_conv2d_matches_torch(rng, monkeypatch, N, C, H, W, Cout, K, stride, pad
 
 
 def test_conv2d_winograd_by_default_matches_torch(rng):
-    """A mid-sized 3x3 conv takes the Winograd path with the real thresholds; 432-term sums, same tolerance."""
+    """A mid-sized 3x3 conv takes the Winograd path with the real thresholds (output at least 64 wide: odd height,
+    channels not multiples of 8); 324-term sums, same tolerance. Its input gradient (a conv of dy) is Winograd too."""
     torch = pytest.importorskip("torch")
-    x = rng.standard_normal((2, 48, 26, 22)).astype(np.float32)
-    w = rng.standard_normal((40, 48, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((1, 36, 65, 66)).astype(np.float32)
+    w = rng.standard_normal((34, 36, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(34).astype(np.float32)
     y, cache = conv2d_forward(x, w, b, 1, 1)
     assert cache.algo == "winograd"
     dy = rng.standard_normal(y.shape).astype(np.float32)
@@ -190,15 +198,21 @@ def test_conv2d_chunked_equals_unchunked(rng, monkeypatch, split, stride, paddin
     assert cache.algo == algo and len(calls[-1][1]) == 1  # the default cap: one chunk for all three images
     dy = rng.standard_normal(y_ref.shape)
     grads_ref = conv2d_backward(dy, cache)
-    N, rows, row_bytes = calls[-1][0]
+    N, rows, row_bytes = calls[0][0]  # the forward's plan (backward plans after it)
     cap = {"rows": 1, "bands": 2 * row_bytes, "images": 2 * rows * row_bytes}[split]
     monkeypatch.setattr(conv_mod, "MAX_COLS_BYTES", cap)
     calls.clear()
     y, cache = conv2d_forward(x, w, b, stride, padding)
     grads = conv2d_backward(dy, cache)
     sizes = {"rows": (1, 1), "bands": (1, 2), "images": (2, rows)}[split]  # (images, rows) of the first chunk
-    assert len(calls) == 2 and all(plan[0][1] - plan[0][0] == sizes[0] and plan[0][3] - plan[0][2] == sizes[1]
-                                   and len(plan) > 1 for _, plan in calls)
+    # the backward of a stride-1 conv plans twice: its input gradient is itself a conv (of dy, 5 -> 4 channels,
+    # so its chunks differ), then its weight gradient; stride 2 and padding >= 3 take the one-plan im2col backward
+    plans = 3 if stride == 1 and padding in (1, ((0, 1), (0, 1))) else 2
+    assert len(calls) == plans and all(len(plan) > 1 for _, plan in calls)  # every pass really was cut up
+    # the forward and the weight gradient (when it uses the forward's algorithm) cut x exactly as asked
+    for i in ((0, plans - 1) if plans == 3 or algo == "im2col" else (0,)):
+        plan = calls[i][1]
+        assert plan[0][1] - plan[0][0] == sizes[0] and plan[0][3] - plan[0][2] == sizes[1]
     assert rel_error(y, y_ref) < 1e-13
     for g, g_ref in zip(grads, grads_ref):
         assert rel_error(g, g_ref) < 1e-13
@@ -376,3 +390,32 @@ def test_concat_bad_input():
         concat_forward([])
     with pytest.raises(ValueError, match=r"concat: argument 'axis' must lie in \[-4, 4\)"):
         concat_forward([a, a], axis=4)
+
+
+def test_winograd_written_out_transform_is_the_papers_matrix():
+    """The adds of _BT_TERMS are exactly B^T of Lavin & Gray (the Winograd tests above check whole convs; this
+    pins the table itself, so a wrong sign cannot hide behind a compensating one elsewhere)."""
+    d = np.arange(16.0).reshape(4, 4) ** 1.5  # any tile with distinct rows
+    rows = np.stack([op(d[i], d[k]) for i, k, op in conv_mod._BT_TERMS])  # (B^T d) row by row
+    np.testing.assert_array_equal(rows, conv_mod._WINO_BT @ d)
+
+
+@pytest.mark.parametrize("N,C,H,W,Cout,K,stride,padding,bias,algo",
+                         [c for c in _with_algos(GRADCHECK_CASES) if c[6] == 1 and c[5] > 1])
+def test_conv2d_both_stride1_backwards_agree(rng, monkeypatch, N, C, H, W, Cout, K, stride, padding, bias, algo):
+    """Stride-1 convs have two backward paths, picked by channel count: the input gradient as a conv of dy (the
+    gradcheck above runs it at these small sizes) and, for many channels, the transposed forward (Winograd or
+    im2col). Both must give the same gradients (float64, so any formula slip shows far above rounding)."""
+    _force(monkeypatch, algo)
+    x = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((Cout, C, K, K))
+    y, cache = conv2d_forward(x, w, rng.standard_normal(Cout) if bias else None, stride, padding)
+    dy = rng.standard_normal(y.shape)
+    by_conv = conv2d_backward(dy, cache)
+    monkeypatch.setattr(conv_mod, "BACKWARD_BY_CONV_MAX_CHANNELS", 0)  # every conv takes the transposed forward
+    transposed = conv2d_backward(dy, cache)
+    for a, b in zip(by_conv, transposed):
+        if a is None:
+            assert b is None
+        else:
+            assert rel_error(a, b) < 1e-12

@@ -46,3 +46,24 @@ def test_wheel_contents(tmp_path):
     kernels = {f"minisd/cuda/kernels/{p.relative_to(REPO / 'kernels')}" for p in (REPO / "kernels").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     assert kernels <= names, sorted(kernels - names)[:5]
+
+
+def _timeout_after(code, env_value=None):
+    """OPENBLAS_THREAD_TIMEOUT as seen after running `code` in a fresh interpreter."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if env_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = env_value
+    r = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_import_shortens_openblas_spin_only_when_it_can():
+    # before numpy: set, so OpenBLAS reads it when numpy loads it (minisd/__init__.py says why)
+    assert _timeout_after("import minisd, numpy") == "12"
+    # the user's own value wins
+    assert _timeout_after("import minisd", env_value="20") == "20"
+    # numpy already loaded: OpenBLAS has read its settings, so minisd does not pretend to change them
+    assert _timeout_after("import numpy, minisd") == "None"

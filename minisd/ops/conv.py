@@ -71,16 +71,31 @@ MAX_COLS_BYTES = 32 * 2**20
 # loses at 8x8 with batch 2 (32 tiles); with a handful of channels the GEMMs are too thin to matter either way.
 WINOGRAD_MIN_TILES = 64
 WINOGRAD_MIN_CHANNELS = 32
+# ... and, for outputs narrower than WINOGRAD_NARROW_WIDTH, at least WINOGRAD_NARROW_MIN_CHANNELS channels. The tile
+# transforms are ufuncs over stride-2 views whose innermost loop is one row of tiles (Wo/2 elements), so on narrow
+# images they run short loops, and only a large GEMM share (many channels) still pays for them. Measured (2 threads,
+# forward, Winograd vs im2col ms): 64 ch at 32x32 batch 64 78 vs 55, 128 ch at 32x32 batch 16 70 vs 36, 160 ch at
+# 16x16 7.6 vs 7.0, 192 ch at 32x32 14.4 vs 21.2, 640 ch at 32x32 62 vs 85; but 128 ch at 128x128 34 vs 41.
+WINOGRAD_NARROW_WIDTH = 64
+WINOGRAD_NARROW_MIN_CHANNELS = 160
+
+# Stride-1 convs with fewer channels than this take their input gradient as a conv of dy (_input_grad_by_conv) and
+# the weight gradient on its own; with more, the transposed forward (one pass that shares the dy tiles or columns
+# between dx and dw) is faster because its GEMMs dominate. Measured fwd+bwd ms, 2 threads (benchmarks/README.md):
+# 64 ch at 32x32 batch 64 and the training U-Nets gain, 640-1280 ch at 8x8-32x32 lose 35-65%.
+BACKWARD_BY_CONV_MAX_CHANNELS = 160
 
 # Below this many elements an elementwise job is not worth handing to threads (thread start-up ~ tens of us).
 _MIN_PARALLEL = 1 << 16
 
-# Winograd F(2x2, 3x3) 1-D matrices (Lavin & Gray 2016, section 4.1); the 2-D transforms are their Kronecker
-# products, so each transform of a whole batch of tiles is one small GEMM (e.g. B^T d B = kron(B^T, B^T) @ vec(d)).
+# Winograd F(2x2, 3x3) 1-D matrices (Lavin & Gray 2016, section 4.1). The 2-D transforms are their Kronecker
+# products (vec(B^T d B) = kron(B^T, B^T) @ vec(d), vec = row-major flatten). The filter transform and the transposed
+# output transforms of the backward use these as small GEMMs; the input and output transforms of every tile
+# are written out as adds (_BT_TERMS below, tested against _WINO_BT and _WINO_AT).
 _WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)  # (4, 4) input tile
 _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)  # (4, 3) filter
 _WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)  # (2, 4) output
-_WINO_KB = np.kron(_WINO_BT, _WINO_BT)  # (16, 16) vec(B^T d B) = KB @ vec(d), vec = row-major flatten
+_WINO_KB = np.kron(_WINO_BT, _WINO_BT)  # (16, 16) vec(B^T d B) = KB @ vec(d) (its transpose: the input gradient)
 _WINO_KG = np.kron(_WINO_G, _WINO_G)  # (16, 9)  vec(G g G^T) = KG @ vec(g)
 _WINO_KA = np.kron(_WINO_AT, _WINO_AT)  # (4, 16)  vec(A^T m A) = KA @ vec(m)
 
@@ -129,8 +144,8 @@ def _choose_algo(C, Cout, kh, kw, stride, pads, N, Ho, Wo):
     if kh == kw == 1 and stride == 1 and pads == ((0, 0), (0, 0)):
         return "1x1"
     tiles = N * ((Ho + 1) // 2) * ((Wo + 1) // 2)
-    if (kh == kw == 3 and stride == 1 and tiles >= WINOGRAD_MIN_TILES
-            and min(C, Cout) >= WINOGRAD_MIN_CHANNELS):
+    min_channels = WINOGRAD_MIN_CHANNELS if Wo >= WINOGRAD_NARROW_WIDTH else WINOGRAD_NARROW_MIN_CHANNELS
+    if kh == kw == 3 and stride == 1 and tiles >= WINOGRAD_MIN_TILES and min(C, Cout) >= min_channels:
         return "winograd"
     return "im2col"
 
@@ -304,11 +319,34 @@ def conv2d_backward(dy, cache):
         dw = np.zeros_like(w2)
         for n in range(N):  # one GEMM per image: a fused (Cout, N*H*W) operand would need a transposed copy of dy
             dw += dy3[n] @ x3[n].T
+    elif (stride == 1 and max(top, bottom) < kh and max(left, right) < kw
+          and min(C, Cout) < BACKWARD_BY_CONV_MAX_CHANNELS):
+        dx = _input_grad_by_conv(dy, w, pads)
+        if algo == "winograd":
+            dw = _winograd_weight_grad(dy, x, w, pads)
+        else:
+            dw = _im2col_weight_grad_rows(dy, x, w, pads)
     elif algo == "winograd":
         dx, dw = _winograd_backward(dy, x, w, pads)
-    else:
+    else:  # stride 2 (downsampling), padding as wide as the kernel, or many channels
         dx, dw = _im2col_backward(dy, x, w, stride, pads)
     return dx, dw.reshape(w.shape), db
+
+
+def _input_grad_by_conv(dy, w, pads):
+    """dx (N, C, H, W) of a stride-1 conv: itself a conv of dy, so the fast forward paths (Winograd) compute it.
+
+    y[n, o, h, v] = sum_{c,i,j} w[o, c, i, j] xp[n, c, h+i, v+j] (xp: x padded by top, left) gives
+        dx[n, c, p, q] = sum_{o,i,j} w[o, c, i, j] dy[n, o, p+top-i, q+left-j]
+    which is a conv of dy, padded by (KH-1-top, KH-1-bottom) rows and (KW-1-left, KW-1-right) columns, with the
+    kernel flipped in both directions and its two channel axes swapped (the "full convolution" of dy). Cheaper than
+    the transposed im2col (dcols = w^T dy, then KH*KW scatter-adds of a 9x larger array): measured 2.5-4x less
+    time for the U-Net convs (benchmarks/README.md).
+    """
+    kh, kw = w.shape[2:]
+    (top, bottom), (left, right) = pads
+    w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, Cout, KH, KW)
+    return conv2d_forward(dy, w_flip, None, 1, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))[0]
 
 
 # ================================================================================================================
@@ -319,6 +357,9 @@ def _im2col_forward(x, w, stride, pads, y):
     N, C, H, W = x.shape
     Cout, _, kh, kw = w.shape
     Ho, Wo = y.shape[2], y.shape[3]
+    if stride == 1:
+        _im2col_forward_rows(x, w, pads, y)
+        return
     ckk = C * kh * kw
     w2 = w.reshape(Cout, ckk)  # (Cout, C*KH*KW) a view: PyTorch's layout is already GEMM-ready
     chunks = _chunks(N, Ho, ckk * Wo * x.itemsize)
@@ -339,6 +380,91 @@ def _im2col_forward(x, w, stride, pads, y):
             # and gives BLAS a wider matrix; the price is one copy of the (small) output into NCHW order
             yg = np.matmul(w2, cols2).reshape(Cout, nb, Ho, Wo)  # (Cout, nb, Ho, Wo)
             _parallel_copy(y[n0:n1].transpose(1, 0, 2, 3), yg)  # (Cout, nb, Ho, Wo) view of y
+
+
+def _flat_band(x, n0, n1, r0, r1, kh, kw, pads, band_buf):
+    """The zero-padded band of input rows for output rows [r0, r1) (stride 1) as one flat run per image and channel.
+
+    Returns (band (nb, C, rows_in, Wp) in band_buf, its flat view (nb*C*rows_in*Wp + KW - 1,)): the KW - 1 zeros at
+    the end let the last channel's shifted run below stay inside the buffer.
+    """
+    band = _padded_band(x, n0, n1, r0, r1, kh, 1, pads, band_buf)
+    if not np.may_share_memory(band, band_buf):  # no padding at all: a view of x, copied to be one flat run
+        band = _parallel_copy_into(band_buf, band)
+    n = band.size
+    band_buf[n: n + kw - 1] = 0
+    return band, band_buf[: n + kw - 1]
+
+
+def _parallel_copy_into(buf, src):
+    """A contiguous copy of src in the front of the flat buffer `buf`."""
+    dst = buf[: src.size].reshape(src.shape)
+    _parallel_copy(dst, src)
+    return dst
+
+
+def _im2col_rows(flat, band_shape, kh, kw, R, cols):
+    """cols (C, KH, KW, nb, R*Wp) <- cols[c, i, j, n, r*Wp + q] = band[n, c, r + i, q + j] (stride 1).
+
+    Like _im2col, but each output row is computed at all Wp positions of the padded row, so that a row of cols is one
+    contiguous run of the band: (c, i, j, n) reads R*Wp values starting at row i, column j of image n, channel c.
+    The last KW-1 of every Wp positions wrap into the next row (or the zero slack): they are garbage outputs that
+    the callers drop (forward) or multiply by zero (weight gradient). Why: the copy then moves runs of R*Wp values
+    instead of R runs of Wo (a 32-wide image is a 32-value inner loop), measured 2-3x faster on the small U-Nets.
+    """
+    nb, C, rows_in, Wp = band_shape
+    it = flat.itemsize
+    src = np.lib.stride_tricks.as_strided(flat, shape=(C, kh, kw, nb, R * Wp),
+                                          strides=(rows_in * Wp * it, Wp * it, it, C * rows_in * Wp * it, it),
+                                          writeable=False)
+    _parallel_copy(cols, src)
+
+
+def _im2col_forward_rows(x, w, pads, y):
+    """y <- stride-1 conv by im2col over whole padded rows (_im2col_rows), no bias."""
+    N, C, H, W = x.shape
+    Cout, _, kh, kw = w.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    Wp = W + sum(pads[1])
+    ckk = C * kh * kw
+    w2 = w.reshape(Cout, ckk)  # (Cout, C*KH*KW)
+    chunks = _chunks(N, Ho, max(ckk, Cout) * Wp * x.itemsize)
+    most = max(((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks), default=0) * Wp
+    cols_buf, yg_buf = np.empty(most * ckk, x.dtype), np.empty(most * Cout, x.dtype)
+    band_buf = np.empty(_band_rows(chunks, kh, 1) * C * Wp + kw - 1, x.dtype)
+    for n0, n1, r0, r1 in chunks:
+        nb, R = n1 - n0, r1 - r0
+        band, flat = _flat_band(x, n0, n1, r0, r1, kh, kw, pads, band_buf)
+        cols = cols_buf[: ckk * nb * R * Wp].reshape(C, kh, kw, nb, R * Wp)
+        _im2col_rows(flat, band.shape, kh, kw, R, cols)
+        yg = np.matmul(w2, cols.reshape(ckk, nb * R * Wp), out=yg_buf[: Cout * nb * R * Wp].reshape(Cout, -1))
+        yg = yg.reshape(Cout, nb, R, Wp)[..., :Wo]  # (Cout, nb, R, Wo) the real outputs
+        _parallel_copy(y[n0:n1, :, r0:r1].transpose(1, 0, 2, 3), yg)
+
+
+def _im2col_weight_grad_rows(dy, x, w, pads):
+    """dw (Cout, C*KH*KW) of a stride-1 conv: dy @ cols^T with the cols of _im2col_rows (input gradient: by conv)."""
+    N, C, H, W = x.shape
+    Cout, _, kh, kw = w.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    Wp = W + sum(pads[1])
+    ckk = C * kh * kw
+    chunks = _chunks(N, Ho, max(ckk, Cout) * Wp * x.itemsize)
+    most = max(((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks), default=0) * Wp
+    cols_buf, dyp_buf = np.empty(most * ckk, x.dtype), np.empty(most * Cout, x.dtype)
+    band_buf = np.empty(_band_rows(chunks, kh, 1) * C * Wp + kw - 1, x.dtype)
+    dw = np.zeros((Cout, ckk), x.dtype)
+    for n0, n1, r0, r1 in chunks:
+        nb, R = n1 - n0, r1 - r0
+        band, flat = _flat_band(x, n0, n1, r0, r1, kh, kw, pads, band_buf)
+        cols = cols_buf[: ckk * nb * R * Wp].reshape(C, kh, kw, nb, R * Wp)
+        _im2col_rows(flat, band.shape, kh, kw, R, cols)
+        # dy at the Wp positions of each row, zero at the garbage ones, so they add nothing to dw
+        dyp = dyp_buf[: Cout * nb * R * Wp].reshape(Cout, nb, R, Wp)
+        dyp[..., Wo:] = 0
+        _parallel_copy(dyp[..., :Wo], dy[n0:n1, :, r0:r1].transpose(1, 0, 2, 3))
+        dw += dyp.reshape(Cout, -1) @ cols.reshape(ckk, -1).T  # (Cout, C*KH*KW)
+    return dw
 
 
 def _im2col_backward(dy, x, w, stride, pads):
@@ -386,8 +512,15 @@ def _im2col_backward(dy, x, w, stride, pads):
 # ================================================================================================================
 # conv2d: Winograd F(2x2, 3x3) for 3x3, stride 1
 
+# B^T and A^T (Lavin & Gray 2016, section 4.1) have only 0 and +-1 entries, so each transform is a few adds per row,
+# written out below instead of as matrix products (a (16, 16) GEMM over every tile is 8x the arithmetic of the adds
+# and measured 10 GFLOP/s: OpenBLAS is slow at K = 16). Row a of B^T d takes rows i and k of d combined by op:
+_BT_TERMS = ((0, 2, np.subtract), (1, 2, np.add), (2, 1, np.subtract), (1, 3, np.subtract))  # B^T rows 0..3
+# A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: output row 0 = m0 + m1 + m2, row 1 = m1 - m2 - m3
+
+
 def _winograd_setup(x, w, pads):
-    """Tile geometry, the transformed filters and the chunk plan shared by the Winograd forward and backward."""
+    """Tile geometry, the transformed filters and the chunk plan shared by the Winograd forward and weight gradient."""
     N, C, H, W = x.shape
     Cout = w.shape[0]
     (top, bottom), (left, right) = pads
@@ -396,8 +529,8 @@ def _winograd_setup(x, w, pads):
     # tile (r, t) reads padded rows 2r..2r+3, columns 2t..2t+3: an odd output size needs one more zero row/column
     # at the bottom/right, and the extra output it produces is dropped
     wpads = ((top, bottom + 2 * th - Ho), (left, right + 2 * tw - Wo))
-    # U[k, co, c] = (G w[co, c] G^T) at position k of the 4x4 array: one (16, 9) @ (9, Cout*C) GEMM, already in
-    # the (16, Cout, C) layout the 16 GEMMs need
+    # U[k, co, c] = (G w[co, c] G^T) at position k of the 4x4 array: one (16, 9) @ (9, Cout*C) GEMM (tiny: weights
+    # only), already in the (16, Cout, C) layout the 16 GEMMs need
     U = (_WINO_KG.astype(x.dtype) @ w.reshape(Cout * C, 9).T).reshape(16, Cout, C)  # (16, Cout, C)
     chunks = _chunks(N, th, 16 * max(C, Cout) * tw * x.itemsize)  # each tile array holds 16 values per tile
     most_tiles = max(((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks), default=0) * tw
@@ -405,43 +538,122 @@ def _winograd_setup(x, w, pads):
     return th, tw, wpads, U, chunks, most_tiles, band_buf
 
 
-def _winograd_tiles(x, n0, n1, t0, t1, tw, wpads, band_buf, D_buf):
-    """D (16, C, T): the 4x4 input tiles of tile rows [t0, t1) of images [n0, n1), T = nb*(t1-t0)*tw tiles."""
+def _winograd_input_transform(x, n0, n1, t0, t1, tw, wpads, band_buf, tmp_buf, V_buf):
+    """V (16, C, T) = B^T d B of every 4x4 input tile d of tile rows [t0, t1) of images [n0, n1), T = nb*R*tw.
+
+    Tile (r, t) is rows 2r..2r+3, columns 2t..2t+3 of the padded band, so row i of every tile at once is the
+    stride-2 view band[..., i + 2r, :]: the row transform is 4 ufuncs on such views, the column transform 4 more on
+    each result, written straight into V in the (position, channel, tile) layout of the 16 GEMMs.
+    """
     nb, R, C = n1 - n0, t1 - t0, x.shape[1]
-    band = _padded_band(x, n0, n1, t0, t1, 4, 2, wpads, band_buf)  # (nb, C, 2R+2, 2tw+2): 4x4 windows, stride 2
-    win = sliding_window_view(band, (4, 4), axis=(2, 3))[:, :, ::2, ::2]  # (nb, C, R, tw, 4, 4) view
-    D = D_buf[: 16 * C * nb * R * tw].reshape(4, 4, C, nb, R, tw)
-    _parallel_copy(D.transpose(2, 0, 1, 3, 4, 5), win.transpose(1, 4, 5, 0, 2, 3))  # (C, 4, 4, nb, R, tw)
-    return D.reshape(16, C, nb * R * tw)  # (16, C, T)
+    band = _padded_band(x, n0, n1, t0, t1, 4, 2, wpads, band_buf)  # (nb, C, 2R+2, 2tw+2)
+    V6 = V_buf[: 16 * C * nb * R * tw].reshape(4, 4, C, nb, R, tw)  # V6[a, b, c, n, r, t]: position (a, b)
+    tmp = tmp_buf[: nb * C * R * band.shape[3]].reshape(nb, C, R, band.shape[3])  # one row of B^T d per tile
+
+    def transform(c0, c1):
+        d = [band[:, c0:c1, i: i + 2 * R: 2] for i in range(4)]  # d[i]: row i of every tile, (nb, C', R, Wp)
+        r = tmp[:, c0:c1]  # this thread's channels of the scratch row
+        for a, (i, k, op) in enumerate(_BT_TERMS):
+            op(d[i], d[k], out=r)  # row a of B^T d, every tile
+            q = [r[..., j: j + 2 * tw: 2] for j in range(4)]  # q[j]: column j of it, (nb, C', R, tw)
+            for b, (j, l, op2) in enumerate(_BT_TERMS):
+                op2(q[j], q[l], out=V6[a, b, c0:c1].transpose(1, 0, 2, 3))  # (B^T d B)[a, b]
+
+    parallel_for(C, transform, min_chunk=max(1, _MIN_PARALLEL // max(1, 16 * nb * R * tw)))
+    return V6.reshape(16, C, nb * R * tw)  # (16, C, T)
+
+
+def _winograd_output_transform(M, y, n0, n1, t0, t1, tmp_buf):
+    """y[n0:n1, :, 2*t0: 2*t1] <- A^T m A of every 4x4 product tile m in M (16, Cout, T); odd edges dropped."""
+    Cout, Ho, Wo = y.shape[1:]
+    nb, R = n1 - n0, t1 - t0
+    tw = M.shape[2] // (nb * R)
+    M6 = M.reshape(4, 4, Cout, nb, R, tw)  # M6[i, j, co, n, r, t]
+    tmp = tmp_buf[: 4 * Cout * nb * R * tw].reshape(4, Cout, nb, R, tw)  # one row of A^T m per tile
+
+    def transform(c0, c1):
+        s = tmp[:, c0:c1]  # (4, C', nb, R, tw) s[j]: column j of one row of A^T m
+        m = M6[:, :, c0:c1]
+        for a in range(2):
+            rows = (min(2 * t1, Ho) - 2 * t0 - a + 1) // 2  # tile rows whose output row 2r+a exists (odd Ho)
+            if a == 0:
+                np.add(m[0], m[1], out=s)
+                s += m[2]  # row 0 of A^T m = m0 + m1 + m2
+            else:
+                np.subtract(m[1], m[2], out=s)
+                s -= m[3]  # row 1 = m1 - m2 - m3
+            for b in range(2):
+                cols = (Wo - b + 1) // 2
+                dst = y[n0:n1, c0:c1, 2 * t0 + a: 2 * t0 + a + 2 * rows: 2, b: b + 2 * cols: 2]  # (nb, C', rows, cols)
+                sj = [s[j, :, :, :rows, :cols].transpose(1, 0, 2, 3) for j in range(4)]  # (nb, C', rows, cols)
+                if b == 0:
+                    np.add(sj[0], sj[1], out=dst)
+                    dst += sj[2]
+                else:
+                    np.subtract(sj[1], sj[2], out=dst)
+                    dst -= sj[3]
+
+    parallel_for(Cout, transform, min_chunk=max(1, _MIN_PARALLEL // max(1, 16 * nb * R * tw)))
 
 
 def _winograd_forward(x, w, pads, y):
     """y (N, Cout, Ho, Wo) <- 3x3 stride-1 conv of x with w via Winograd F(2x2, 3x3), no bias."""
     N, C = x.shape[:2]
-    Cout, Ho, Wo = y.shape[1:]
+    Cout = y.shape[1]
     th, tw, wpads, U, chunks, most, band_buf = _winograd_setup(x, w, pads)
-    KB, KA = _WINO_KB.astype(x.dtype), _WINO_KA.astype(x.dtype)
-    # two scratch buffers, each array below takes whichever one is free (fewer, smaller allocations: see MAX_COLS_BYTES)
-    buf1, buf2 = np.empty(16 * max(C, Cout) * most, x.dtype), np.empty(16 * max(C, Cout) * most, x.dtype)
+    V_buf, M_buf = np.empty(16 * C * most, x.dtype), np.empty(16 * Cout * most, x.dtype)
+    # scratch rows of either transform: (nb, C, R, 2tw+2) for the input, (4, Cout, T) for the output
+    tmp_buf = np.empty(max(C * 2 * (most + most // tw), 4 * Cout * most), x.dtype)
+    for n0, n1, t0, t1 in chunks:
+        T = (n1 - n0) * (t1 - t0) * tw
+        V = _winograd_input_transform(x, n0, n1, t0, t1, tw, wpads, band_buf, tmp_buf, V_buf)  # (16, C, T)
+        # the elementwise product summed over input channels: 16 GEMMs (Cout, C) @ (C, T), one per 4x4 position
+        M = np.matmul(U, V, out=M_buf[: 16 * Cout * T].reshape(16, Cout, T))
+        _winograd_output_transform(M, y, n0, n1, t0, t1, tmp_buf)
+
+
+def _winograd_weight_grad(dy, x, w, pads):
+    """dy (N, Cout, Ho, Wo) -> dw (Cout, C*9) for the Winograd forward (its input gradient is _input_grad_by_conv).
+
+    The forward was M[k] = U[k] @ V[k] per position k, then y = A^T M A; so dM = A dY A^T per tile,
+    dU[k] = sum over chunks of dM[k] @ V[k]^T, and U = G w G^T gives dw = G^T dU G.
+    """
+    N, C = x.shape[:2]
+    Cout, Ho, Wo = dy.shape[1:]
+    th, tw, wpads, U, chunks, most, band_buf = _winograd_setup(x, w, pads)
+    KA = _WINO_KA.astype(x.dtype)
+    V_buf, Z_buf = np.empty(16 * C * most, x.dtype), np.empty(16 * Cout * most, x.dtype)
+    tmp_buf = np.empty(C * 2 * (most + most // tw), x.dtype)  # (nb, C, R, 2tw+2) rows of the input transform
+    dyt_buf = np.empty(4 * Cout * most, x.dtype)
+    dU = np.zeros((16, Cout, C), x.dtype)
     for n0, n1, t0, t1 in chunks:
         nb, R = n1 - n0, t1 - t0
         T = nb * R * tw
-        D = _winograd_tiles(x, n0, n1, t0, t1, tw, wpads, band_buf, buf1)  # (16, C, T)
-        V = np.matmul(KB, D.reshape(16, C * T), out=buf2[: 16 * C * T].reshape(16, C * T))  # B^T d B per tile
-        # the elementwise product summed over input channels: 16 GEMMs (Cout, C) @ (C, T), one per 4x4 position
-        M = np.matmul(U, V.reshape(16, C, T), out=buf1[: 16 * Cout * T].reshape(16, Cout, T))
-        Yt = np.matmul(KA, M.reshape(16, Cout * T), out=buf2[: 4 * Cout * T].reshape(4, Cout * T))  # A^T m A
-        Yt = Yt.reshape(2, 2, Cout, nb, R, tw)  # Yt[a, b, co, n, r, t] = y[n, co, 2(t0+r)+a, 2t+b]
+        V = _winograd_input_transform(x, n0, n1, t0, t1, tw, wpads, band_buf, tmp_buf, V_buf)  # recomputed
+        # dY tiles: dyt[a, b, co, n, r, t] = dy[n, co, 2(t0+r)+a, 2t+b]; outputs past an odd edge stay zero
+        dyt = dyt_buf[: 4 * Cout * T].reshape(2, 2, Cout, nb, R, tw)
         for a in range(2):
-            rows = (min(2 * t1, Ho) - 2 * t0 - a + 1) // 2  # tile rows whose output row 2r+a exists (odd Ho)
-            for b_ in range(2):
-                cols = (Wo - b_ + 1) // 2
-                dst = y[n0:n1, :, 2 * t0 + a: 2 * t0 + a + 2 * rows: 2, b_: b_ + 2 * cols: 2]  # (nb, Cout, rows, cols)
-                _parallel_copy(dst.transpose(1, 0, 2, 3), Yt[a, b_, :, :, :rows, :cols])  # (Cout, nb, rows, cols)
+            rows = (min(2 * t1, Ho) - 2 * t0 - a + 1) // 2
+            for b in range(2):
+                cols = (Wo - b + 1) // 2
+                if rows < R or cols < tw:
+                    dyt[a, b] = 0  # (rare: odd sizes) clear what a previous chunk left in the buffer
+                src = dy[n0:n1, :, 2 * t0 + a: 2 * t0 + a + 2 * rows: 2, b: b + 2 * cols: 2]  # (nb, Cout, rows, cols)
+                _parallel_copy(dyt[a, b, :, :, :rows, :cols], src.transpose(1, 0, 2, 3))  # (Cout, nb, rows, cols)
+        # y_tile = KA @ vec(m), so dM = KA^T @ dY: a (16, 4) product, 4 inputs per output (cheap next to the rest)
+        Z = np.matmul(KA.T, dyt.reshape(4, Cout * T), out=Z_buf[: 16 * Cout * T].reshape(16, Cout * T))
+        dU += np.matmul(Z.reshape(16, Cout, T), V.transpose(0, 2, 1))  # (16, Cout, C)
+    # U = KG @ w (per (co, c) pair), so dw = KG^T @ dU; computed as dU^T @ KG to land in w's (Cout, C, 9) layout
+    dw = dU.reshape(16, Cout * C).T @ _WINO_KG.astype(x.dtype)  # (Cout*C, 9)
+    return dw.reshape(Cout, C * 9)
+
 
 
 def _winograd_backward(dy, x, w, pads):
-    """dy (N, Cout, Ho, Wo) -> dx (N, C, H, W), dw (Cout, C*9) for the Winograd forward: each step transposed."""
+    """dy (N, Cout, Ho, Wo) -> dx (N, C, H, W), dw (Cout, C*9) for the Winograd forward: each step transposed.
+
+    The path for many channels: dx reuses the dM tiles that dw needs, and the GEMMs dominate the transforms.
+    """
     N, C, H, W = x.shape
     Cout, Ho, Wo = dy.shape[1:]
     th, tw, wpads, U, chunks, most, band_buf = _winograd_setup(x, w, pads)
@@ -449,6 +661,7 @@ def _winograd_backward(dy, x, w, pads):
     # two big scratch buffers shared by the arrays below in turn (see the forward), plus the small dY tiles
     buf1, buf2 = np.empty(16 * max(C, Cout) * most, x.dtype), np.empty(16 * max(C, Cout) * most, x.dtype)
     dyt_buf = np.empty(4 * Cout * most, x.dtype)
+    tmp_buf = np.empty(C * 2 * (most + most // tw), x.dtype)  # (nb, C, R, 2tw+2) rows of the input transform
     dx = np.empty_like(x)
     dU = np.zeros((16, Cout, C), x.dtype) if N == 0 else None
     dxp = None
@@ -458,8 +671,7 @@ def _winograd_backward(dy, x, w, pads):
         if t0 == 0:
             # gradient of the padded input of this image group (tiles overlap, and so do consecutive chunks)
             dxp = np.zeros((nb, C, 2 * th + 2, 2 * tw + 2), x.dtype)  # (nb, C, Hp', Wp')
-        D = _winograd_tiles(x, n0, n1, t0, t1, tw, wpads, band_buf, buf1)  # recomputed, not cached
-        V = np.matmul(KB, D.reshape(16, C * T), out=buf2[: 16 * C * T].reshape(16, C * T)).reshape(16, C, T)
+        V = _winograd_input_transform(x, n0, n1, t0, t1, tw, wpads, band_buf, tmp_buf, buf2)  # recomputed
         # dY tiles: dyt[a, b, co, n, r, t] = dy[n, co, 2(t0+r)+a, 2t+b]; outputs past an odd edge stay zero
         dyt = dyt_buf[: 4 * Cout * T].reshape(2, 2, Cout, nb, R, tw)
         for a in range(2):
@@ -488,7 +700,6 @@ def _winograd_backward(dy, x, w, pads):
     # U = KG @ w (per (co, c) pair), so dw = KG^T @ dU; computed as dU^T @ KG to land in w's (Cout, C, 9) layout
     dw = dU.reshape(16, Cout * C).T @ _WINO_KG.astype(x.dtype)  # (Cout*C, 9)
     return dx, dw.reshape(Cout, C * 9)
-
 
 # ================================================================================================================
 # nearest-neighbour upsampling by 2
